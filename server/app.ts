@@ -1,0 +1,121 @@
+/**
+ * The Fastify application: HTTP/2 (h2c, or TLS when configured) serving the
+ * Connect routes over gRPC, gRPC-Web and Connect. It never listens; main.ts
+ * and the tests do.
+ */
+import { readFileSync } from "node:fs";
+import type {
+  Http2SecureServer,
+  Http2Server,
+  Http2ServerRequest,
+  Http2ServerResponse,
+} from "node:http2";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { fastifyConnectPlugin } from "@connectrpc/connect-fastify";
+import { type FastifyInstance, fastify, LogController } from "fastify";
+import type { Logger } from "pino";
+import { cloudLoggingOptions, createLogger } from "../lib/logging.ts";
+import type { ServerConfig } from "./config.ts";
+import { HealthStatus } from "./health.ts";
+import { createInstance } from "./instance.ts";
+import {
+  type CallerVerifier,
+  createAccessLogInterceptor,
+  createAuthInterceptor,
+} from "./interceptors.ts";
+import { createRoutes, publicServices } from "./routes.ts";
+import { EchoService, type Instance } from "../gen/echo/v1/echo_pb.ts";
+
+export interface ServerDeps {
+  /** Verifies callers; required when `config.auth.mode` is not "off". */
+  verifier?: CallerVerifier;
+  /** Shared instance identity; created from the config when absent. */
+  instance?: Instance;
+  /** Logger; one writing Cloud Logging JSON to stdout when absent. */
+  logger?: Logger;
+}
+
+/** The Fastify instance of the server: HTTP/2, cleartext or TLS, logging with pino. */
+export type EchoApp = FastifyInstance<
+  Http2Server | Http2SecureServer,
+  Http2ServerRequest,
+  Http2ServerResponse,
+  Logger
+>;
+
+export interface EchoServer {
+  app: EchoApp;
+  instance: Instance;
+  health: HealthStatus;
+}
+
+/**
+ * Builds the server. The caller listens (`app.listen`) and closes
+ * (`app.close`, which lets in-flight RPCs finish: HTTP/2 sessions get a
+ * GOAWAY, and after `shutdownTimeoutMs` what is left is aborted).
+ */
+export async function buildServer(
+  config: ServerConfig,
+  deps: ServerDeps = {},
+): Promise<EchoServer> {
+  const instance = deps.instance ?? createInstance(config.service, config.revision);
+  const health = new HealthStatus([EchoService.typeName]);
+  const logger =
+    deps.logger ?? createLogger({ level: config.logLevel, base: { component: "server" } });
+
+  const tls = config.tls
+    ? { key: readFileSync(config.tls.keyFile), cert: readFileSync(config.tls.certFile) }
+    : undefined;
+  const common = {
+    loggerInstance: logger,
+    // One access line per RPC comes from the Connect interceptor instead,
+    // with the gRPC status that Fastify never sees.
+    logController: new LogController({ disableRequestLogging: true }),
+    // gRPC clients keep connections open; close them after 5 min idle, as
+    // grpc-go's MaxConnectionIdle would.
+    http2SessionTimeout: 300_000,
+  };
+  const app = (
+    tls
+      ? fastify({ ...common, http2: true, https: { ...tls, allowHTTP1: true } })
+      : fastify({ ...common, http2: true })
+  ) as EchoApp;
+
+  const interceptors: Interceptor[] = [
+    createAccessLogInterceptor({ logger, projectId: config.projectId }),
+  ];
+  if (config.auth.mode !== "off") {
+    if (!deps.verifier) {
+      throw new TypeError(`auth mode ${config.auth.mode} needs deps.verifier`);
+    }
+    interceptors.push(createAuthInterceptor(deps.verifier, publicServices));
+  }
+
+  const shutdown = new AbortController();
+  await app.register(fastifyConnectPlugin, {
+    routes: createRoutes({ instance, health, maxStreamCount: config.maxStreamCount }),
+    interceptors,
+    readMaxBytes: config.readMaxBytes,
+    // Handlers still running `shutdownTimeoutMs` after close() began are
+    // aborted with UNAVAILABLE (clients may retry elsewhere). The plugin's own
+    // shutdownTimeoutMs option leaves its timer running after a quick close,
+    // holding the process open; this one is cleared when close completes.
+    shutdownSignal: shutdown.signal,
+  });
+  let shutdownTimer: NodeJS.Timeout | undefined;
+  app.addHook("preClose", (done) => {
+    health.shutdown();
+    shutdownTimer = setTimeout(
+      () => shutdown.abort(new ConnectError("server is shutting down", Code.Unavailable)),
+      config.shutdownTimeoutMs,
+    );
+    done();
+  });
+  app.addHook("onClose", (_instance, done) => {
+    clearTimeout(shutdownTimer);
+    done();
+  });
+  return { app, instance, health };
+}
+
+export { cloudLoggingOptions };
