@@ -250,7 +250,12 @@ function upstreamFailureMessage(attempts: number, reason: string): string {
 }
 
 function describeError(err: unknown): string {
-  const e = err as NodeJS.ErrnoException;
+  // A stream pending on a session whose connection failed is cancelled with
+  // the connection error as `cause`.
+  const outer = err as NodeJS.ErrnoException & { cause?: unknown };
+  const e = (
+    outer.code === "ERR_HTTP2_STREAM_CANCEL" && outer.cause ? outer.cause : outer
+  ) as NodeJS.ErrnoException;
   if (e.code === "ECONNREFUSED") {
     return "remote connection failure, transport failure reason: delayed connect error: 111";
   }

@@ -87,7 +87,11 @@ export const jwtMessages = {
   signature: "Jwt verification fails",
 } as const;
 
-const base64url = /^[A-Za-z0-9_-]*={0,2}$/;
+const base64urlChars = /^[A-Za-z0-9_-]*={0,2}$/;
+/** Valid base64url: its alphabet, and a length a decoder accepts (never 4n+1). */
+function isBase64url(segment: string): boolean {
+  return base64urlChars.test(segment) && segment.replace(/=+$/, "").length % 4 !== 1;
+}
 /** Characters a token may consist of, for extraction after a prefix. */
 const tokenChars = /[A-Za-z0-9_\-.=]/;
 
@@ -104,7 +108,7 @@ export function parseJwt(token: string): ParsedJwt | string {
     return jwtMessages.badFormat;
   }
   const [h, p, s] = parts as [string, string, string];
-  if (!base64url.test(h)) {
+  if (!isBase64url(h)) {
     return jwtMessages.headerBase64;
   }
   const header = parseJsonObject(h);
@@ -120,7 +124,7 @@ export function parseJwt(token: string): ParsedJwt | string {
   if (header["kid"] !== undefined && typeof header["kid"] !== "string") {
     return jwtMessages.kidType;
   }
-  if (!base64url.test(p)) {
+  if (!isBase64url(p)) {
     return jwtMessages.payloadBase64;
   }
   const payload = parseJsonObject(p);
@@ -146,7 +150,7 @@ export function parseJwt(token: string): ParsedJwt | string {
   ) {
     return "Jwt payload [aud] field is not a string or string list";
   }
-  if (!base64url.test(s) || s === "") {
+  if (!isBase64url(s) || s === "") {
     return jwtMessages.signatureBase64;
   }
   return { header, payload, payloadSegment: p };

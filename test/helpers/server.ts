@@ -5,6 +5,7 @@
 import { Writable } from "node:stream";
 import type { Logger } from "pino";
 import { createLogger } from "../../lib/logging.ts";
+import { createCallerVerifier } from "../../server/auth.ts";
 import { buildServer, type EchoServer, type ServerDeps } from "../../server/app.ts";
 import { loadServerConfig, type ServerConfig } from "../../server/config.ts";
 
@@ -51,7 +52,9 @@ export async function startServer(
 ): Promise<StartedServer> {
   const config = loadServerConfig({ HOST: "127.0.0.1", PORT: "0", ...env }, argv);
   const { logger, logs } = createCaptureLogger();
-  const server = await buildServer(config, { logger, ...deps });
+  const verifier =
+    deps.verifier ?? (config.auth.mode === "off" ? undefined : createCallerVerifier(config.auth));
+  const server = await buildServer(config, { logger, ...deps, ...(verifier ? { verifier } : {}) });
   await server.app.listen({ host: config.host, port: config.port });
   const first = server.app.addresses()[0];
   const port = typeof first === "object" ? first.port : undefined;
