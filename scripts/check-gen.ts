@@ -9,13 +9,16 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 
-const root = new URL("..", import.meta.url).pathname;
-const buf = join(root, "node_modules/.bin/buf");
+const projectRoot = new URL("..", import.meta.url).pathname;
+// `--root DIR` checks another copy of the project (used by the tests).
+const rootFlag = process.argv.indexOf("--root");
+const root = rootFlag > 0 ? (process.argv[rootFlag + 1] ?? projectRoot) : projectRoot;
+const buf = join(projectRoot, "node_modules/.bin/buf");
 const tmp = mkdtempSync(join(tmpdir(), "echo-gen-"));
 // buf runs protoc-gen-es from PATH; npm scripts have node_modules/.bin on it, direct runs may not.
 const env = {
   ...process.env,
-  PATH: `${join(root, "node_modules/.bin")}:${process.env["PATH"] ?? ""}`,
+  PATH: `${join(projectRoot, "node_modules/.bin")}:${process.env["PATH"] ?? ""}`,
 };
 try {
   execFileSync(buf, ["generate", "--output", tmp], { cwd: root, stdio: "inherit", env });
