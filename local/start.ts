@@ -58,7 +58,13 @@ export function parseStartOptions(argv: string[]): StartOptions {
     gatewayPort: p.int(values.port, "--port", 8080, 1, 65535),
     serverPorts,
     issuerPort: p.int(values["issuer-port"], "--issuer-port", 8090, 1, 65535),
-    clientMetadataPort: p.int(values["client-metadata-port"], "--client-metadata-port", 8091, 1, 65535),
+    clientMetadataPort: p.int(
+      values["client-metadata-port"],
+      "--client-metadata-port",
+      8091,
+      1,
+      65535,
+    ),
     gatewayMetadataPort: p.int(
       values["gateway-metadata-port"],
       "--gateway-metadata-port",
@@ -130,7 +136,11 @@ function createOutput(pretty: boolean) {
         record = undefined;
       }
       if (!pretty) {
-        say(record ? JSON.stringify({ process: name, ...record }) : JSON.stringify({ process: name, message: line }));
+        say(
+          record
+            ? JSON.stringify({ process: name, ...record })
+            : JSON.stringify({ process: name, message: line }),
+        );
         return;
       }
       if (!record) {
@@ -415,7 +425,10 @@ async function main(): Promise<void> {
   const clientCode = await client.exited;
   children.splice(children.indexOf(client), 1);
   if (clientCode !== 0) {
-    await stop(1, `the client failed (${clientCode})${client.stderrTail.length ? `: ${client.stderrTail.at(-1)}` : ""}`);
+    await stop(
+      1,
+      `the client failed (${clientCode})${client.stderrTail.length ? `: ${client.stderrTail.at(-1)}` : ""}`,
+    );
   }
   if (options.once) {
     await stop(0);
