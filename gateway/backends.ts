@@ -3,6 +3,7 @@
  * pick across them.
  */
 import * as http2 from "node:http2";
+import { isIP } from "node:net";
 import type { Logger } from "pino";
 
 export interface BackendAddress {
@@ -71,7 +72,9 @@ export class Backend {
     const session = http2.connect(this.origin, {
       ...(this.address.tls
         ? {
-            servername: this.address.host,
+            // SNI carries host names only (RFC 6066); an IP address is still
+            // checked against the certificate's IP SANs.
+            ...(isIP(this.address.host) ? {} : { servername: this.address.host }),
             ALPNProtocols: ["h2"],
             ...(this.#options.ca ? { ca: this.#options.ca } : {}),
           }

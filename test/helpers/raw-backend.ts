@@ -11,16 +11,24 @@ export interface RawBackend {
   address: string;
   received: http2.IncomingHttpHeaders[];
   mode: "answer" | "hang";
+  /** Trailers sent after the response message. */
+  trailers: http2.OutgoingHttpHeaders;
+  /** Resolves with the RST_STREAM code (or 0) of each stream as it closes, in order. */
+  closedStreams: number[];
   close(): Promise<void>;
 }
 
-export async function startRawBackend(): Promise<RawBackend> {
+export async function startRawBackend(tls?: { key: Buffer; cert: Buffer }): Promise<RawBackend> {
   const received: http2.IncomingHttpHeaders[] = [];
-  const server = http2.createServer();
+  const server = tls
+    ? http2.createSecureServer({ ...tls, ALPNProtocols: ["h2"] })
+    : http2.createServer();
   const backend: RawBackend = {
     address: "",
     received,
     mode: "answer",
+    trailers: { "grpc-status": "0" },
+    closedStreams: [],
     close: () =>
       new Promise((resolve) => {
         server.close(() => resolve());
@@ -37,6 +45,7 @@ export async function startRawBackend(): Promise<RawBackend> {
   server.on("stream", (stream, headers) => {
     received.push(headers);
     stream.on("error", () => {});
+    stream.on("close", () => backend.closedStreams.push(stream.rstCode ?? 0));
     stream.resume();
     if (backend.mode === "hang") {
       return;
@@ -50,7 +59,7 @@ export async function startRawBackend(): Promise<RawBackend> {
         { ":status": 200, "content-type": "application/grpc" },
         { waitForTrailers: true },
       );
-      stream.once("wantTrailers", () => stream.sendTrailers({ "grpc-status": "0" }));
+      stream.once("wantTrailers", () => stream.sendTrailers(backend.trailers));
       stream.end(frame);
     });
   });
