@@ -190,6 +190,7 @@ export function createChain(options: ChainOptions) {
       path: method.path,
       grpc,
       timeoutMs: method.backend.deadlineMs,
+      idleTimeoutMs: method.backend.idleTimeoutMs,
       retries: options.retries,
       replayLimitBytes: options.replayLimitBytes,
       logger,

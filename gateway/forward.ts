@@ -35,6 +35,12 @@ export interface ForwardOptions {
    */
   timeoutMs: number | undefined;
   /**
+   * Longest time without any frame on the call (Envoy route `idle_timeout`,
+   * spec §5.2). Before response headers the gateway answers UNKNOWN
+   * `stream timeout` (Envoy's 408); after them it resets the stream.
+   */
+  idleTimeoutMs: number | undefined;
+  /**
    * Retries on another backend when the attempt failed before response
    * headers: connect failure, refused stream, reset (ESPv2's `retry_on:
    * reset,connect-failure,refused-stream`, `num_retries: 1`).
@@ -101,6 +107,18 @@ export function forward(down: http2.ServerHttp2Stream, options: ForwardOptions):
         finish(undefined, "upstream request timeout");
       }
     }, options.timeoutMs);
+  }
+
+  if (options.idleTimeoutMs !== undefined && options.idleTimeoutMs > 0) {
+    down.setTimeout(options.idleTimeoutMs, () => {
+      if (!responded) {
+        fail(408, "stream timeout");
+      } else if (!down.closed) {
+        up?.close(NGHTTP2_CANCEL);
+        down.close(NGHTTP2_CANCEL);
+        finish(undefined, "stream timeout");
+      }
+    });
   }
 
   // Client → backend. Chunks are written to whichever attempt is current and

@@ -262,3 +262,31 @@ describe("gateway over TLS to a grpcs:// backend", () => {
     }
   });
 });
+
+describe("gateway idle timeout on streams", () => {
+  it("answers UNKNOWN stream timeout when a streaming call stays silent past its deadline", async () => {
+    const raw = await startRawBackend();
+    raw.mode = "hang";
+    const chain = await startChain({
+      servers: 0,
+      apiConfig: (vars) =>
+        defaultApiConfig({ ...vars, backends: `grpc://${raw.address}` }).replace(
+          "deadline: 15",
+          "deadline: 0.2",
+        ),
+    });
+    try {
+      const res = await rawGrpcCall(chain.address, "/echo.v1.EchoService/EchoBidiStream", {
+        authorization: `Bearer ${await chain.clientToken()}`,
+      });
+      assert.equal(res["grpc-status"], "2");
+      assert.equal(
+        decodeURIComponent(String(res["grpc-message"])),
+        '{"code":408,"message":"stream timeout"}',
+      );
+    } finally {
+      await chain.close();
+      await raw.close();
+    }
+  });
+});
