@@ -71,7 +71,9 @@ export interface LoggerConfig {
  * Fastify takes options, not a logger, when it should own the instance.
  */
 export function cloudLoggingOptions(config: LoggerConfig = {}): LoggerOptions {
-  const pretty = config.pretty ?? process.stdout.isTTY === true;
+  // pino-pretty is a development dependency: a production install (the
+  // container) always logs JSON, even on a terminal.
+  const pretty = (config.pretty ?? process.stdout.isTTY === true) && prettyAvailable();
   const options: LoggerOptions = {
     level: config.level ?? "info",
     messageKey: "message",
@@ -94,6 +96,15 @@ export function cloudLoggingOptions(config: LoggerConfig = {}): LoggerOptions {
     delete options.formatters;
   }
   return options;
+}
+
+function prettyAvailable(): boolean {
+  try {
+    import.meta.resolve("pino-pretty");
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** A pino logger writing Cloud Logging JSON to `destination` (stdout by default). */
