@@ -90,7 +90,7 @@ export async function runH2load(o: H2loadOptions): Promise<H2loadResult> {
     execFile(
       command as string,
       argv as string[],
-      { timeout: (o.durationS + o.warmupS + 30) * 1000, maxBuffer: 16 * 1024 * 1024 },
+      { timeout: Math.round((o.durationS + o.warmupS + 30) * 1000), maxBuffer: 16 * 1024 * 1024 },
       (err, out, errOut) => {
         if (err) {
           reject(new Error(`h2load failed: ${err.message}\n${errOut}`));
