@@ -80,6 +80,11 @@ export class Backend {
           }
         : {}),
       settings: { enablePush: false },
+      // The gateway accepts 60 KB of client headers and adds its own (its
+      // token, x-forwarded-authorization, the userinfo payload): node's
+      // default of 64 KB would refuse such a request locally, and the
+      // refusal would look like a backend failure. The backend decides.
+      maxSendHeaderBlockLength: 256 * 1024,
     });
     this.#session = session;
     let connected = false;

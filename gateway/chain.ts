@@ -3,7 +3,7 @@
  * §1.5): route → JWT authentication → backend authentication → pick backend
  * → forward. This file is the only place that knows the order.
  */
-import type * as http2 from "node:http2";
+import * as http2 from "node:http2";
 import type { Logger } from "pino";
 import { parseTraceContext, traceLogFields } from "../lib/logging.ts";
 import type { ApiConfigPlan, MethodPlan } from "./api-config.ts";
@@ -42,6 +42,12 @@ export interface ChainOptions {
   userInfoHeader: string;
   retries: number;
   replayLimitBytes: number;
+  /**
+   * Largest request header list (name + value + 32 per field); larger ones
+   * are reset with ENHANCE_YOUR_CALM, as node:http2 itself does once the
+   * client has acknowledged the gateway's SETTINGS.
+   */
+  maxRequestHeaderListBytes: number;
   projectId: string | undefined;
   logger: Logger;
 }
@@ -54,16 +60,26 @@ export function createChain(options: ChainOptions) {
   return function handleStream(
     stream: http2.ServerHttp2Stream,
     headers: http2.IncomingHttpHeaders,
+    _flags: number,
+    rawHeaders: string[],
   ): void {
     const started = performance.now();
-    const rawPath = headers[":path"] ?? "";
-    const queryAt = rawPath.indexOf("?");
-    const path = queryAt < 0 ? rawPath : rawPath.slice(0, queryAt);
-    const grpc = isGrpcRequest(headers["content-type"]);
     stream.on("error", () => {
       // A reset from the client surfaces here; the chain's own handlers deal
       // with it through "close". Without a listener it would crash the process.
     });
+    let headerListBytes = 0;
+    for (let i = 0; i < rawHeaders.length; i++) {
+      headerListBytes += (rawHeaders[i] as string).length + (i % 2 === 0 ? 32 : 0);
+    }
+    if (headerListBytes > options.maxRequestHeaderListBytes) {
+      stream.close(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+      return;
+    }
+    const rawPath = headers[":path"] ?? "";
+    const queryAt = rawPath.indexOf("?");
+    const path = queryAt < 0 ? rawPath : rawPath.slice(0, queryAt);
+    const grpc = isGrpcRequest(headers["content-type"]);
 
     // 1. Route: exact `POST /pkg.Service/Method` (ESPv2 also takes a
     // trailing slash). Anything else is answered before any auth (§1.4).
@@ -94,17 +110,25 @@ export function createChain(options: ChainOptions) {
       logger.info({ rpc: method.selector, durationMs, ...trace, ...fields }, "rpc");
     };
 
-    void authorizeAndForward(stream, headers, method, rawPath, queryAt, grpc, log).catch(
-      (err: unknown) => {
-        logger.error({ err, rpc: method.selector }, "gateway chain failed");
-        sendLocalReply(stream, grpc, { httpStatus: 500, message: "internal gateway error" });
-      },
-    );
+    void authorizeAndForward(
+      stream,
+      headers,
+      rawHeaders,
+      method,
+      rawPath,
+      queryAt,
+      grpc,
+      log,
+    ).catch((err: unknown) => {
+      logger.error({ err, rpc: method.selector }, "gateway chain failed");
+      sendLocalReply(stream, grpc, { httpStatus: 500, message: "internal gateway error" });
+    });
   };
 
   async function authorizeAndForward(
     stream: http2.ServerHttp2Stream,
     headers: http2.IncomingHttpHeaders,
+    rawHeaders: string[],
     method: MethodPlan,
     rawPath: string,
     queryAt: number,
@@ -126,7 +150,18 @@ export function createChain(options: ChainOptions) {
     let principal: string | undefined;
     if (method.auth && options.jwt) {
       const source: TokenSource = {
-        header: (name) => headers[name],
+        // Every value of a repeated header, as Envoy's extractor sees them:
+        // node:http2 keeps only the first of a repeated `authorization` in
+        // `headers`, and joins others with ", ".
+        header: (name) => {
+          const values: string[] = [];
+          for (let i = 0; i < rawHeaders.length; i += 2) {
+            if (rawHeaders[i] === name) {
+              values.push(rawHeaders[i + 1] as string);
+            }
+          }
+          return values.length > 1 ? values : values[0];
+        },
         query: (name) =>
           queryAt < 0 ? [] : new URLSearchParams(rawPath.slice(queryAt + 1)).getAll(name),
       };

@@ -30,7 +30,38 @@ export interface GatewayDeps {
   projectId?: string | undefined;
   /** Skip a backend after a failed connect for this long; default 1000 ms. */
   downBackoffMs?: number;
+  /**
+   * Close a client connection after this long without any frame: GOAWAY
+   * first, then, if streams still hold it open, a hard close after a
+   * grace period. Default 300 000 (5 min).
+   */
+  idleSessionTimeoutMs?: number;
 }
+
+/**
+ * Most request header bytes accepted, counted as HTTP/2 does (name + value
+ * + 32 per field): Envoy's `max_request_headers_kb` of 60 (spec §5.4).
+ */
+export const maxRequestHeaderListBytes = 60 * 1024;
+
+/**
+ * Streams a client may have open on one connection at a time. Google's front
+ * end gives API Gateway's clients 100, and Envoy's edge-proxy guidance says
+ * the same: well-behaved clients queue beyond it, a client that ignores it
+ * loses its connection (GOAWAY PROTOCOL_ERROR), so one connection cannot
+ * pile thousands of streams onto the shared backend sessions. (node:http2
+ * still counts streams that have just closed, so a client using all 100
+ * with large headers may see a few reset with ENHANCE_YOUR_CALM.)
+ */
+export const maxConcurrentStreamsPerConnection = 100;
+
+/**
+ * Most header fields in a request (pseudo-headers included): Envoy's default
+ * `max_headers_count`. node:http2 would take 128, and the few headers the
+ * gateway adds would then push a request over the backend's own limit of
+ * 128, turning it into a misleading UNAVAILABLE.
+ */
+export const maxRequestHeaderFields = 100;
 
 export interface Gateway {
   server: http2.Http2Server | http2.Http2SecureServer;
@@ -71,6 +102,7 @@ export function buildGateway(deps: GatewayDeps): Gateway {
     userInfoHeader: `${deps.headerPrefix ?? "X-Apigateway-"}Api-Userinfo`.toLowerCase(),
     retries: deps.retries ?? 1,
     replayLimitBytes: deps.replayLimitBytes ?? 64 * 1024,
+    maxRequestHeaderListBytes,
     projectId: deps.projectId,
     logger: deps.logger,
   });
@@ -78,7 +110,10 @@ export function buildGateway(deps: GatewayDeps): Gateway {
   const settings: http2.Settings = {
     enablePush: false,
     // 60 KB of request headers, Envoy's `max_request_headers_kb` (§5.4).
-    maxHeaderListSize: 60 * 1024,
+    // node:http2 applies it only once the client acknowledged our SETTINGS;
+    // the chain checks every request itself as well.
+    maxHeaderListSize: maxRequestHeaderListBytes,
+    maxConcurrentStreams: maxConcurrentStreamsPerConnection,
   };
   const server = deps.tls
     ? http2.createSecureServer({
@@ -86,8 +121,9 @@ export function buildGateway(deps: GatewayDeps): Gateway {
         cert: readFileSync(deps.tls.certFile),
         ALPNProtocols: ["h2"],
         settings,
+        maxHeaderListPairs: maxRequestHeaderFields,
       })
-    : http2.createServer({ settings });
+    : http2.createServer({ settings, maxHeaderListPairs: maxRequestHeaderFields });
   server.on("stream", handleStream);
   const sessions = new Set<http2.ServerHttp2Session>();
   server.on("session", (session: http2.ServerHttp2Session) => {
@@ -96,8 +132,16 @@ export function buildGateway(deps: GatewayDeps): Gateway {
     session.on("error", () => {
       // Connection-level errors end the session; nothing to answer.
     });
-    // Idle client connections are closed after 5 minutes.
-    session.setTimeout(300_000, () => session.close());
+    // Idle client connections are closed after 5 minutes: GOAWAY (streams in
+    // flight may finish), then destroy() after a grace period. Not close():
+    // it waits for open streams, which a client that never ends a stream
+    // keeps forever, and leaves the socket half-closed for a peer that may
+    // never answer.
+    const idleMs = deps.idleSessionTimeoutMs ?? 300_000;
+    session.setTimeout(idleMs, () => {
+      session.goaway();
+      setTimeout(() => session.destroy(), Math.min(idleMs, 5000)).unref();
+    });
   });
   const sockets = new Set<Socket>();
   server.on("connection", (socket: Socket) => {

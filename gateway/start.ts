@@ -22,6 +22,8 @@ export interface StartGatewayOptions {
   createTokenProvider?: (audience: string) => IdTokenProvider;
   /** Skip a backend after a failed connect for this long; default 1000 ms. */
   downBackoffMs?: number;
+  /** Close client connections idle this long; default 300 000 (5 min). */
+  idleSessionTimeoutMs?: number;
 }
 
 export interface StartedGateway {
@@ -103,6 +105,9 @@ export async function startGateway(
     backendCa: config.backendCaFile ? readFileSync(config.backendCaFile) : undefined,
     projectId: config.projectId,
     ...(options.downBackoffMs !== undefined ? { downBackoffMs: options.downBackoffMs } : {}),
+    ...(options.idleSessionTimeoutMs !== undefined
+      ? { idleSessionTimeoutMs: options.idleSessionTimeoutMs }
+      : {}),
   });
   const port = await gateway.listen(config.port, config.host);
   logger.info(

@@ -9,6 +9,7 @@ import type {
   Http2Server,
   Http2ServerRequest,
   Http2ServerResponse,
+  ServerHttp2Session,
 } from "node:http2";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import { type FastifyInstance, fastify, LogController } from "fastify";
@@ -33,7 +34,23 @@ export interface ServerDeps {
   instance?: Instance;
   /** Logger; one writing Cloud Logging JSON to stdout when absent. */
   logger?: Logger;
+  /**
+   * Close HTTP/2 connections without any frame for this long; default
+   * 300 000 (5 min). For tests.
+   */
+  idleSessionTimeoutMs?: number;
 }
+
+/**
+ * Memory one HTTP/2 connection may use, in MB (node:http2's default is 10).
+ * Behind the gateway every caller's calls share one connection per backend:
+ * a burst of a few thousand calls, fewer with large headers, overran 10 MB,
+ * and node then tore the whole connection down, failing every call on it.
+ * (Advertising a concurrent-stream limit instead would make node reset
+ * streams at random once a client uses all of it: node still counts streams
+ * that have just closed.)
+ */
+const http2Limits = { maxSessionMemory: 128 };
 
 /** The Fastify instance of the server: HTTP/2, cleartext or TLS, logging with pino. */
 export type EchoApp = FastifyInstance<
@@ -63,6 +80,7 @@ export async function buildServer(
   const logger =
     deps.logger ?? createLogger({ level: config.logLevel, base: { component: "server" } });
 
+  const idleSessionTimeoutMs = deps.idleSessionTimeoutMs ?? 300_000;
   const tls = config.tls
     ? { key: readFileSync(config.tls.keyFile), cert: readFileSync(config.tls.certFile) }
     : undefined;
@@ -71,15 +89,28 @@ export async function buildServer(
     // One access line per RPC comes from the Connect interceptor instead,
     // with the gRPC status that Fastify never sees.
     logController: new LogController({ disableRequestLogging: true }),
-    // gRPC clients keep connections open; close them after 5 min idle, as
-    // grpc-go's MaxConnectionIdle would.
-    http2SessionTimeout: 300_000,
+    // Idle connections are closed below, not by Fastify.
+    http2SessionTimeout: 0,
   };
+  // Fastify hands `http` to http2.createServer for h2c (its types omit it).
+  const h2c = { ...common, http2: true as const, http: http2Limits };
   const app = (
     tls
-      ? fastify({ ...common, http2: true, https: { ...tls, allowHTTP1: true } })
-      : fastify({ ...common, http2: true })
+      ? fastify({ ...common, http2: true, https: { ...tls, allowHTTP1: true, ...http2Limits } })
+      : fastify(h2c)
   ) as EchoApp;
+  // gRPC clients keep connections open; close them after 5 min without a
+  // frame, as grpc-go's MaxConnectionIdle would: GOAWAY (streams in flight
+  // may finish), then destroy() after a grace period. Fastify's own
+  // http2SessionTimeout uses close(), which waits for open streams (a client
+  // that never ends a stream holds the connection forever) and leaves the
+  // socket half-closed for a peer that may never answer.
+  app.server.on("session", (session: ServerHttp2Session) => {
+    session.setTimeout(idleSessionTimeoutMs, () => {
+      session.goaway();
+      setTimeout(() => session.destroy(), Math.min(idleSessionTimeoutMs, 5000)).unref();
+    });
+  });
 
   const interceptors: Interceptor[] = [
     createAccessLogInterceptor({ logger, projectId: config.projectId }),

@@ -36,6 +36,8 @@ export interface ChainOptions {
   downBackoffMs?: number;
   /** Stop the gateway's metadata server before the gateway starts. */
   gatewayMetadataDown?: boolean;
+  /** Idle timeout of client connections, gateway and servers alike; default 5 min. */
+  idleSessionTimeoutMs?: number;
 }
 
 export interface Chain {
@@ -105,7 +107,15 @@ export async function startChain(options: ChainOptions = {}): Promise<Chain> {
       ECHO_JWKS_URI: issuer.jwksUri,
       ECHO_ALLOWED_PRINCIPALS: gatewayEmail,
     };
-    servers.push(await startServer(env));
+    servers.push(
+      await startServer(
+        env,
+        [],
+        options.idleSessionTimeoutMs === undefined
+          ? {}
+          : { idleSessionTimeoutMs: options.idleSessionTimeoutMs },
+      ),
+    );
   }
   const backends = [
     ...servers.map((s) => `grpc://${s.address}`),
@@ -136,6 +146,9 @@ export async function startChain(options: ChainOptions = {}): Promise<Chain> {
   const gateway = await startGateway(config, {
     logger: gatewayLogger,
     downBackoffMs: options.downBackoffMs ?? 1000,
+    ...(options.idleSessionTimeoutMs === undefined
+      ? {}
+      : { idleSessionTimeoutMs: options.idleSessionTimeoutMs }),
   });
   const address = `127.0.0.1:${gateway.port}`;
   const clientToken = (claims: Record<string, unknown> = {}) =>
