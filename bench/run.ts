@@ -85,6 +85,7 @@ const { values: flags } = parseArgs({
     duration: { type: "string" },
     only: { type: "string" },
     "no-cold-start": { type: "boolean" },
+    "cold-start-only": { type: "boolean" },
     "update-readme": { type: "boolean" },
     "server-node-flags": { type: "string" },
     "cpu-prof": { type: "boolean" },
@@ -456,6 +457,9 @@ let targets: Target[] = flags.variants ? variantTargets : [...mainTargets, ...ex
 if (flags.only) {
   const only = new Set(flags.only.split(","));
   targets = targets.filter((t) => only.has(t.id));
+}
+if (flags["cold-start-only"]) {
+  targets = [];
 }
 
 // ---------------------------------------------------------------------------
@@ -1246,7 +1250,7 @@ for (const f of failures) {
   process.stdout.write(`FAILED ${f}\n`);
 }
 
-if ([...perTarget.values()].every((runs) => runs.length === 0)) {
+if (targets.length > 0 && [...perTarget.values()].every((runs) => runs.length === 0)) {
   process.stderr.write("no target completed a round; nothing written\n");
   rmSync(dir, { recursive: true, force: true });
   process.exit(1);

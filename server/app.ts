@@ -12,7 +12,7 @@ import type {
   ServerHttp2Session,
 } from "node:http2";
 import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
-import { type FastifyInstance, fastify, LogController } from "fastify";
+import { type FastifyInstance, type FastifyServerOptions, fastify, LogController } from "fastify";
 import type { Logger } from "pino";
 import { cloudLoggingOptions, createLogger } from "../lib/logging.ts";
 import type { ServerConfig } from "./config.ts";
@@ -91,6 +91,7 @@ export async function buildServer(
     logController: new LogController({ disableRequestLogging: true }),
     // Idle connections are closed below, not by Fastify.
     http2SessionTimeout: 0,
+    schemaController: noFastifySchemas,
   };
   // Fastify hands `http` to http2.createServer for h2c (its types omit it).
   const h2c = { ...common, http2: true as const, http: http2Limits };
@@ -154,5 +155,23 @@ export async function buildServer(
   });
   return { app, instance, health };
 }
+
+/**
+ * The server declares no Fastify (JSON) schemas: Connect checks messages
+ * itself. Naming our own schema compilers keeps Fastify from loading its
+ * default ones (ajv and fast-json-stringify), which cost about 50 ms of
+ * every cold start (measured by `npm run bench`, see bench/README.md). A
+ * route that declares a schema fails at start-up with the message below.
+ */
+const noFastifySchemas: FastifyServerOptions["schemaController"] = {
+  compilersFactory: {
+    buildValidator: () => () => {
+      throw new Error("the Echo server has no Fastify schema validator (see server/app.ts)");
+    },
+    buildSerializer: () => () => {
+      throw new Error("the Echo server has no Fastify schema serializer (see server/app.ts)");
+    },
+  },
+};
 
 export { cloudLoggingOptions };

@@ -139,7 +139,10 @@ export function ratioChartSvg(input: ChartInput): string {
   const barH = 14;
   const barGap = 3;
   const groupGap = 16;
-  const left = 220;
+  // Room for the longest group label (≈ 6.6 px per character at 12 px).
+  const left = Math.round(
+    Math.max(160, 20 + Math.max(...input.groups.map((g) => g.label.length)) * 6.6),
+  );
   const plotW = 520;
   const top = 78;
   const groupH = input.references.length * (barH + barGap) - barGap;
@@ -150,7 +153,8 @@ export function ratioChartSvg(input: ChartInput): string {
     ...input.groups.flatMap((g) => g.bars.map((b) => (Number.isFinite(b.value) ? b.value : 0))),
   );
   const scaleMax = Math.ceil(maxValue * 5) / 5;
-  const x = (v: number) => left + (Math.min(v, scaleMax) / scaleMax) * plotW;
+  const x = (v: number) =>
+    Math.round((left + (Math.min(v, scaleMax) / scaleMax) * plotW) * 10) / 10;
   const out: string[] = [];
   out.push(
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="Helvetica, Arial, sans-serif" font-size="12">`,
