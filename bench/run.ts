@@ -26,7 +26,7 @@ import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
 import { type EchoClient, createEchoClient } from "../client/echo-client.ts";
 import { EchoRequestSchema, EchoServerStreamRequestSchema } from "../gen/echo/v1/echo_pb.ts";
-import { bearer } from "./lib/auth-header.ts";
+import { bearer, withHeaders } from "./lib/auth-header.ts";
 import { buildJs } from "./lib/build.ts";
 import { type ColdStartProbe, freePort, measureColdStart, waitForRpc } from "./lib/cold-start.ts";
 import {
@@ -200,7 +200,11 @@ interface Target {
   label: string;
   role: TargetSummary["role"];
   /** Whether calls carry the client's token (through the gateway). */
-  token: boolean;
+  /**
+   * What calls carry: nothing, the client's token (through the gateway), or
+   * what the gateway would send a backend (a verifying server, direct).
+   */
+  token: "none" | "client" | "backend";
   stream: boolean;
   start(ctx: Context, tag: string): Promise<Started>;
   /** Checks a real response of this target. */
@@ -266,20 +270,30 @@ function serverTarget(
   id: string,
   label: string,
   role: Target["role"],
-  opts: { logLevel?: string; script?: string[]; flags?: readonly string[] } = {},
+  opts: { logLevel?: string; script?: string[]; flags?: readonly string[]; verify?: boolean } = {},
 ): Target {
   return {
     id,
     label,
     role,
-    token: false,
+    token: opts.verify ? "backend" : "none",
     stream: role !== "variant",
     async start(ctx, tag) {
-      const { proc, port } = await startServer(ctx, `${id}-${tag}`, { verify: false, ...opts });
+      const { proc, port } = await startServer(ctx, `${id}-${tag}`, {
+        ...opts,
+        verify: opts.verify ?? false,
+      });
       return { port, procs: [{ ...proc, role: "server" }], verifyCountFiles: new Map() };
     },
     check: (res) =>
-      res.caller?.verification === "none" ? undefined : `caller ${JSON.stringify(res.caller)}`,
+      (
+        opts.verify
+          ? res.caller?.principal?.email === gatewayEmail &&
+            res.caller.endUser?.email === clientEmail
+          : res.caller?.verification === "none"
+      )
+        ? undefined
+        : `caller ${JSON.stringify(res.caller)}`,
   };
 }
 
@@ -294,7 +308,7 @@ function chainTarget(
     id,
     label,
     role: backend === "server" ? "ours" : "variant",
-    token: true,
+    token: "client",
     stream: servers === 1 && backend === "server",
     async start(ctx, tag) {
       const procs: Proc[] = [];
@@ -386,7 +400,7 @@ function peerTarget(
     id,
     label,
     role,
-    token: false,
+    token: "none",
     stream: true,
     async start(ctx, tag) {
       const { child, port } = await startPeer(ctx, id, `${id}-${tag}`, flags);
@@ -408,6 +422,9 @@ const mainTargets: Target[] = [
 ];
 const extraTargets: Target[] = [
   serverTarget("server-info", "server, info logs", "variant", { logLevel: "info" }),
+  serverTarget("server-verify", "server, verifying, gateway's headers", "variant", {
+    verify: true,
+  }),
   chainTarget("gateway-raw", "gateway → hand-coded backend", 1, "raw-h2"),
 ];
 /**
@@ -473,6 +490,8 @@ interface RunFigures {
   errors: number;
   sampled: number;
   cpuUsPerRequest: number;
+  /** The same per process role (gateway, server-1, …). */
+  cpuUsByRole: Record<string, number>;
   cpuBusy: number;
 }
 
@@ -499,7 +518,7 @@ interface RoundResult {
 async function checkWithClient(
   target: Target,
   port: number,
-  token: string,
+  ctx: Context,
 ): Promise<string | undefined> {
   let client: EchoClient | undefined;
   try {
@@ -508,7 +527,12 @@ async function checkWithClient(
       plaintext: true,
       idleConnectionTimeoutMs: 100,
       defaultTimeoutMs: 5000,
-      interceptors: target.token ? [bearer(token)] : [],
+      interceptors:
+        target.token === "client"
+          ? [bearer(ctx.standIns.clientToken)]
+          : target.token === "backend"
+            ? [withHeaders(ctx.standIns.backendHeaders)]
+            : [],
     });
     const res = await client.client.echo({ message: "bench check" });
     if (res.message !== "bench check") {
@@ -534,8 +558,7 @@ async function loadRun(
   sample: boolean,
 ): Promise<RunFigures & { done: number }> {
   const sampler = sample ? startStatusSampler(started.port, path, body, headers) : undefined;
-  const pids = started.procs.map((p) => p.child.pid);
-  const cpu0 = pids.reduce((a, pid) => a + cpuSeconds(pid), 0);
+  const cpu0 = started.procs.map((p) => cpuSeconds(p.child.pid));
   const t0 = performance.now();
   const r = await runH2load({
     url: `http://127.0.0.1:${started.port}${path}`,
@@ -548,7 +571,11 @@ async function loadRun(
     dir,
   });
   const wallS = (performance.now() - t0) / 1000;
-  const cpu = pids.reduce((a, pid) => a + cpuSeconds(pid), 0) - cpu0;
+  const cpuByProc = started.procs.map((p, i) => cpuSeconds(p.child.pid) - (cpu0[i] ?? 0));
+  const cpu = cpuByProc.reduce((a, v) => a + v, 0);
+  // Requests during warm-up are not in `done`: scale CPU to the measured window.
+  const perRequest = (cpuS: number) =>
+    r.done > 0 ? ((cpuS * 1e6) / r.done) * (seconds / wallS) : Number.NaN;
   const tally: SampleTally = sampler ? await sampler.stop() : { calls: 0, notOk: 0, examples: [] };
   if (tally.examples.length > 0) {
     process.stdout.write(`    grpc-status samples not OK: ${tally.examples.join("; ")}\n`);
@@ -559,8 +586,10 @@ async function loadRun(
     p99Ms: r.p99Ms,
     errors: r.failed + r.non2xx + tally.notOk,
     sampled: tally.calls,
-    // Requests during warm-up are not in `done`: scale CPU to the measured window.
-    cpuUsPerRequest: r.done > 0 ? ((cpu * 1e6) / r.done) * (seconds / wallS) : Number.NaN,
+    cpuUsPerRequest: perRequest(cpu),
+    cpuUsByRole: Object.fromEntries(
+      started.procs.map((p, i) => [p.role, perRequest(cpuByProc[i] ?? Number.NaN)]),
+    ),
     cpuBusy: cpu / wallS,
     done: r.done,
   };
@@ -570,7 +599,10 @@ async function runTargetRound(target: Target, ctx: Context, round: number): Prom
   const tag = `r${round}`;
   const started = await target.start(ctx, tag);
   const token = ctx.standIns.clientToken;
-  const headers = grpcHeaders(target.token ? token : undefined);
+  const headers = {
+    ...grpcHeaders(target.token === "client" ? token : undefined),
+    ...(target.token === "backend" ? ctx.standIns.backendHeaders : {}),
+  };
   const result: RoundResult = {
     load: {},
     latency: {},
@@ -580,7 +612,7 @@ async function runTargetRound(target: Target, ctx: Context, round: number): Prom
     steadyRequests: 0,
   };
   const check = async (when: string) => {
-    const failure = await checkWithClient(target, started.port, token);
+    const failure = await checkWithClient(target, started.port, ctx);
     result.checks.made++;
     if (failure) {
       result.checks.failures.push(`${when}: ${failure}`);
@@ -597,7 +629,8 @@ async function runTargetRound(target: Target, ctx: Context, round: number): Prom
   let steadyFrom = 0;
   try {
     await check("before load");
-    for (const p of payloadNames) {
+    // Variants and extras get the short payload only, to keep the run short.
+    for (const p of target.role === "variant" ? (["short"] as const) : payloadNames) {
       const r = await loadRun(
         started,
         echoPath,
@@ -929,6 +962,12 @@ const summarize = (
     errors: figs.reduce((a, f) => a + f.errors, 0),
     sampled: figs.reduce((a, f) => a + f.sampled, 0),
     cpuUsPerRequest: median(figs.map((f) => f.cpuUsPerRequest)),
+    cpuUsByRole: Object.fromEntries(
+      Object.keys(figs[0]?.cpuUsByRole ?? {}).map((role) => [
+        role,
+        median(figs.map((f) => f.cpuUsByRole[role] ?? Number.NaN)),
+      ]),
+    ),
     cpuBusy: median(figs.map((f) => f.cpuBusy)),
   };
 };
@@ -1123,6 +1162,15 @@ const header = [
   ...presentRefs.map((r) => `×${r}`),
 ];
 const rows = loadRows(summaries, payloadNames, ratioOf, presentRefs);
+const cpuSplitRows = summaries.flatMap((t) =>
+  payloadNames.flatMap((p) => {
+    const f = t.load[p];
+    const roles = Object.entries(f?.cpuUsByRole ?? {});
+    return f && roles.length > 1
+      ? [[t.label, p, ...[roles.map(([r, v]) => `${r} ${formatRps(v)}`).join(", ")]]]
+      : [];
+  }),
+);
 const latencyHeader = ["target (1 in flight)", "payload", "req/s", "p50 ms", "p99 ms"];
 const latencyRows = summaries.flatMap((t) =>
   payloadNames.flatMap((p) => {
@@ -1177,6 +1225,15 @@ const sections: { title: string; header: string[]; rows: string[][] }[] = [
     header,
     rows,
   },
+  ...(cpuSplitRows.length
+    ? [
+        {
+          title: "CPU µs per request by process (chains share one CPU), 256 in flight",
+          header: ["target", "payload", "µs per request"],
+          rows: cpuSplitRows,
+        },
+      ]
+    : []),
   { title: "Unary Echo, 1 in flight (latency)", header: latencyHeader, rows: latencyRows },
   ...(streamRows.length
     ? [
@@ -1346,15 +1403,57 @@ if (!flags.variants && !quick && !flags.only) {
   copyFileSync(join(resultsDir, `${name}.json`), join(resultsDir, "latest.json"));
   copyFileSync(join(resultsDir, `${name}.md`), join(resultsDir, "latest.md"));
 }
+/** The "What we tried" table: each variant against its starting point. */
+function variantsMarkdown(): string {
+  const baselineOf = (id: string) =>
+    id.startsWith("gateway-raw") ? "gateway-raw-v8" : "stock-plugin-v8";
+  const rows = summaries.map((t) => {
+    const f = t.load["short"];
+    const base = byId.get(baselineOf(t.id))?.load["short"];
+    const cpu = Object.entries(f?.cpuUsByRole ?? {});
+    return [
+      t.label,
+      formatRps(f?.rps ?? Number.NaN),
+      formatRatio(ratio(f?.rps ?? Number.NaN, base?.rps ?? Number.NaN)),
+      cpu.length > 1
+        ? cpu.map(([r, v]) => `${r} ${formatRps(v)}`).join(", ")
+        : formatRps(f?.cpuUsPerRequest ?? Number.NaN),
+      Object.values(t.peakRssMiB)
+        .map((v) => formatMiB(v))
+        .join(" / "),
+      formatMs(t.latency["short"]?.p50Ms ?? Number.NaN),
+      formatMs(t.latency["short"]?.p99Ms ?? Number.NaN),
+    ];
+  });
+  return [
+    `Measured ${started.toISOString().slice(0, 16).replace("T", " ")} UTC with \`${command}\` (${machine.cpus}× ${machine.cpu}, Node ${machine.node}). Starting points: the stock plugin with V8's default heap for the server rows, the gateway with V8's default heap for the gateway rows. CPU is per request, per process; RSS is the peak per process (gateway / backend).`,
+    "",
+    markdownTable(
+      [
+        "variant",
+        "req/s (256 in flight)",
+        "vs starting point",
+        "CPU µs/req",
+        "peak RSS MiB",
+        "p50 ms, 1 in flight",
+        "p99 ms, 1 in flight",
+      ],
+      rows,
+    ),
+  ].join("\n");
+}
+
 if (flags["update-readme"]) {
   const readme = join(root, "bench/README.md");
-  const text = readFileSync(readme, "utf8");
-  const startMark = "<!-- bench:latest:start -->";
-  const endMark = "<!-- bench:latest:end -->";
+  let text = readFileSync(readme, "utf8");
+  const [startMark, endMark, content] = flags.variants
+    ? ["<!-- bench:variants:start -->", "<!-- bench:variants:end -->", variantsMarkdown()]
+    : ["<!-- bench:latest:start -->", "<!-- bench:latest:end -->", markdown];
   const a = text.indexOf(startMark);
   const b = text.indexOf(endMark);
   if (a >= 0 && b > a) {
-    writeFileSync(readme, `${text.slice(0, a + startMark.length)}\n${markdown}\n${text.slice(b)}`);
+    text = `${text.slice(0, a + startMark.length)}\n${content}\n${text.slice(b)}`;
+    writeFileSync(readme, text);
     process.stdout.write("bench/README.md updated\n");
   }
 }
@@ -1371,6 +1470,9 @@ function roundFigures(f: RunFigures | undefined) {
         errors: f.errors,
         sampled: f.sampled,
         cpuUsPerRequest: round(f.cpuUsPerRequest),
+        cpuUsByRole: Object.fromEntries(
+          Object.entries(f.cpuUsByRole).map(([k, v]) => [k, round(v)]),
+        ),
         cpuBusy: round(f.cpuBusy, 2),
       }
     : undefined;

@@ -14,6 +14,8 @@ export interface LoadFigures {
   sampled: number;
   /** CPU time of the processes under test per request, µs (all processes of the target). */
   cpuUsPerRequest: number;
+  /** The same per process role (gateway, server-1, …). */
+  cpuUsByRole: Record<string, number>;
   /** Share of one CPU the target used during the run (1 = one core busy). */
   cpuBusy: number;
 }

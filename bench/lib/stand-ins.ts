@@ -25,6 +25,12 @@ export interface StandIns {
   gatewayMetadata: MetadataServer;
   /** A client token for the gateway (aud = gatewayAudience), valid one hour. */
   clientToken: string;
+  /**
+   * What the gateway sends a backend, for calling a verifying server
+   * directly: its own token (aud = backendAudience, gateway's account) and
+   * the end user's claims in `x-apigateway-api-userinfo`.
+   */
+  backendHeaders: Record<string, string>;
   /** Environment of a verifying server (only the gateway's account allowed). */
   serverEnv(): Record<string, string>;
   /** Environment of the gateway process (its metadata server, no gcloud credentials). */
@@ -52,12 +58,19 @@ export async function startStandIns(dir: string): Promise<StandIns> {
   const issuer = await createIssuer();
   const gatewayMetadata = await createMetadataServer({ issuer, email: gatewayEmail });
   const clientToken = await issuer.sign({ aud: gatewayAudience, email: clientEmail });
+  const gatewayToken = await issuer.sign({ aud: backendAudience, email: gatewayEmail });
+  const backendHeaders = {
+    authorization: `Bearer ${gatewayToken}`,
+    "x-forwarded-authorization": `Bearer ${clientToken}`,
+    "x-apigateway-api-userinfo": clientToken.split(".")[1] ?? "",
+  };
   const registry = await loadDescriptorSet(join(root, "gen/echo.pb"));
   const template = readFileSync(join(root, "gateway/api_config.yaml.tmpl"), "utf8");
   return {
     issuer,
     gatewayMetadata,
     clientToken,
+    backendHeaders,
     serverEnv: () => ({
       ...baseEnv(dir),
       K_SERVICE: "echo",
