@@ -40,6 +40,8 @@ interface Entry {
   provider: IdTokenProvider;
   lastGood: string | undefined;
   lastGoodExpMs: number;
+  /** The provider call in flight, shared by every request that arrives meanwhile. */
+  refreshing: Promise<string | undefined> | undefined;
 }
 
 export function createBackendAuth(options: BackendAuthOptions): BackendAuth {
@@ -51,7 +53,27 @@ export function createBackendAuth(options: BackendAuthOptions): BackendAuth {
       provider: options.createProvider(audience),
       lastGood: undefined,
       lastGoodExpMs: 0,
+      refreshing: undefined,
     });
+  }
+
+  /** Asks the provider (which refreshes near expiry); resolves undefined on failure. */
+  function refresh(entry: Entry): Promise<string | undefined> {
+    entry.refreshing ??= withTimeout(entry.provider.getToken(), timeoutMs)
+      .then(
+        (fresh) => {
+          if (fresh !== entry.lastGood) {
+            entry.lastGood = fresh;
+            entry.lastGoodExpMs = expiryMs(fresh);
+          }
+          return fresh;
+        },
+        () => undefined,
+      )
+      .finally(() => {
+        entry.refreshing = undefined;
+      });
+    return entry.refreshing;
   }
 
   async function token(audience: string): Promise<string | undefined> {
@@ -59,20 +81,19 @@ export function createBackendAuth(options: BackendAuthOptions): BackendAuth {
     if (!entry) {
       return undefined;
     }
-    try {
-      const fresh = await withTimeout(entry.provider.getToken(), timeoutMs);
-      if (fresh !== entry.lastGood) {
-        entry.lastGood = fresh;
-        entry.lastGoodExpMs = expiryMs(fresh);
-      }
-      return fresh;
-    } catch {
-      // The provider could not refresh (metadata server down): keep using
-      // the last token while it is still valid, as ESPv2 does.
-      return entry.lastGood !== undefined && now() < entry.lastGoodExpMs
-        ? entry.lastGood
-        : undefined;
+    const pending = refresh(entry);
+    // While the last token is still valid no request waits for the provider:
+    // a refresh against a hung metadata server would otherwise hold every
+    // call for the provider's timeout. ESPv2 refreshes in the background too,
+    // and keeps using the last token while refreshes fail.
+    if (entry.lastGood !== undefined && now() < entry.lastGoodExpMs) {
+      return entry.lastGood;
     }
+    const fresh = await pending;
+    return (
+      fresh ??
+      (entry.lastGood !== undefined && now() < entry.lastGoodExpMs ? entry.lastGood : undefined)
+    );
   }
 
   return {

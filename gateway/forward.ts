@@ -7,7 +7,7 @@
 import * as http2 from "node:http2";
 import type { Logger } from "pino";
 import type { Backend, BackendPool } from "./backends.ts";
-import { sendLocalReply } from "./local-reply.ts";
+import { encodeGrpcMessage, localReplyBody, sendLocalReply } from "./local-reply.ts";
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR, NGHTTP2_REFUSED_STREAM, NGHTTP2_FLAG_END_STREAM } =
   http2.constants;
@@ -172,8 +172,10 @@ export function forward(down: http2.ServerHttp2Stream, options: ForwardOptions):
     tried.add(next);
     attempts++;
     let stream: http2.ClientHttp2Stream;
+    let session: http2.ClientHttp2Session;
     try {
-      stream = next.session().request(
+      session = next.session();
+      stream = session.request(
         {
           ...options.headers,
           ":method": "POST",
@@ -214,7 +216,14 @@ export function forward(down: http2.ServerHttp2Stream, options: ForwardOptions):
         return;
       }
       down.respond(out, { waitForTrailers: true });
-      stream.pipe(down);
+      // Ended here once the backend's trailers are in, or in "close" below:
+      // a lost connection also ends the body, without trailers.
+      stream.pipe(down, { end: false });
+      stream.once("end", () => {
+        if (upTrailers !== undefined && !down.writableEnded) {
+          down.end();
+        }
+      });
     });
     stream.on("trailers", (trailers) => {
       upTrailers = trailers;
@@ -238,11 +247,33 @@ export function forward(down: http2.ServerHttp2Stream, options: ForwardOptions):
         retryOrFail();
         return;
       }
+      if (
+        upTrailers === undefined &&
+        session.destroyed &&
+        readsTrailers(options.headers) &&
+        !down.closed &&
+        !down.writableEnded
+      ) {
+        // The connection to the backend is gone (the backend crashed): end
+        // the call with UNAVAILABLE in trailers, which a gRPC client can act
+        // on, rather than a bare reset it would read as CANCELLED.
+        const message = "upstream connection lost after response headers";
+        upTrailers = {
+          "grpc-status": "14",
+          "grpc-message": encodeGrpcMessage(localReplyBody(503, message)),
+        };
+        down.end();
+        finish("14", message);
+        return;
+      }
       if (stream.rstCode !== undefined && stream.rstCode !== NGHTTP2_NO_ERROR && !down.closed) {
         // The backend reset mid-response: pass the reset on.
         down.close(stream.rstCode);
         finish(undefined, `backend reset (code ${stream.rstCode})`);
         return;
+      }
+      if (!down.writableEnded && !down.closed) {
+        down.end();
       }
       finish(String(upTrailers?.["grpc-status"] ?? ""), undefined);
     });
@@ -265,6 +296,11 @@ function upstreamFailureMessage(attempts: number, reason: string): string {
   return `upstream connect error or disconnect/reset before headers. ${
     attempts > 1 ? "retried and the latest " : ""
   }reset reason: ${reason || "connection failure"}`;
+}
+
+/** gRPC proper (not gRPC-Web or Connect): the caller reads HTTP/2 trailers. */
+function readsTrailers(headers: http2.OutgoingHttpHeaders): boolean {
+  return /^application\/grpc(?:$|[+;])/.test(String(headers["content-type"] ?? ""));
 }
 
 function describeError(err: unknown): string {

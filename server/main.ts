@@ -33,6 +33,13 @@ try {
   process.exit(1);
 }
 void resolveInstanceId(instance);
+// Fetch the signing keys now rather than on the first call, so that a key
+// server outage after start-up finds them cached (ESPv2 does the same).
+void verifier?.warm().then((cached) => {
+  if (!cached) {
+    log.warn({ jwksUri: config.auth.jwksUri }, "no signing keys yet; calls will fetch them");
+  }
+});
 log.info(
   {
     address: app.addresses().map((a) => (typeof a === "string" ? a : formatAddress(a))),
