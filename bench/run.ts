@@ -20,7 +20,7 @@
  * chart of the ratios (bench/results/<date>.svg, copied to latest.svg).
  */
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { availableParallelism, cpus, release, tmpdir, totalmem } from "node:os";
+import { availableParallelism, cpus, loadavg, release, tmpdir, totalmem } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { parseArgs } from "node:util";
@@ -44,6 +44,7 @@ import {
   cpuSeconds,
   hasTaskset,
   logPath,
+  machineBusy,
   peakRssMiB,
   pinSelf,
   root,
@@ -892,10 +893,19 @@ const machine = {
   kernel: release(),
   node: process.version,
   h2load: h2loadVer,
+  /** 1-minute load average when the run started. */
+  loadAverageAtStart: Math.round((loadavg()[0] ?? 0) * 100) / 100,
+  /** Share of all CPUs busy just before the run (0–1): anything but ≈0 is a neighbour. */
+  busyAtStart: round(await machineBusy(), 2),
   pinning: pinning
     ? `processes under test on CPU ${testCpus}, h2load and the bench on CPU ${loadCpus}`
     : "none",
 };
+if ((machine.busyAtStart ?? 0) > 0.15) {
+  process.stdout.write(
+    `warning: ${Math.round((machine.busyAtStart ?? 0) * 100)}% of the CPUs were busy before the run started: something else runs on this machine, figures will be noisy\n`,
+  );
+}
 process.stdout.write(
   `bench: ${rounds} round(s), ${targets.length} targets, ${durationS}s (+${warmupS}s warm-up) at ${load.connections * load.streams} in flight, payloads ${payloadNames.join(", ")}\n` +
     `machine: ${machine.cpus}× ${machine.cpu}, ${machine.memoryGiB} GiB, Linux ${machine.kernel}, Node ${machine.node}, ${machine.h2load}\n` +
@@ -923,6 +933,14 @@ for (let round = 1; round <= rounds; round++) {
       exitCode = 1;
     }
   }
+}
+
+// Nothing of ours runs now: anything busy is a neighbour.
+const busyAfterRounds = round(await machineBusy(), 2);
+if ((busyAfterRounds ?? 0) > 0.15) {
+  process.stdout.write(
+    `warning: ${Math.round((busyAfterRounds ?? 0) * 100)}% of the CPUs were busy after the rounds: something else ran on this machine, figures are noisy\n`,
+  );
 }
 
 let cold: ColdStartResult[] = [];
@@ -1348,7 +1366,7 @@ const svg = ratioChartSvg({
 writeFileSync(join(resultsDir, `${name}.svg`), svg);
 
 const markdown = [
-  `Measured ${started.toISOString().slice(0, 16).replace("T", " ")} UTC with \`${command}\` on ${machine.cpus}× ${machine.cpu}, ${machine.memoryGiB} GiB, Linux ${machine.kernel}, Node ${machine.node}, ${machine.h2load}; ${machine.pinning}; node flags \`${nodeFlags.join(" ")}\`.`,
+  `Measured ${started.toISOString().slice(0, 16).replace("T", " ")} UTC with \`${command}\` on ${machine.cpus}× ${machine.cpu}, ${machine.memoryGiB} GiB, Linux ${machine.kernel}, Node ${machine.node}, ${machine.h2load}; ${machine.pinning}; node flags \`${nodeFlags.join(" ")}\`. CPUs busy with other work just before the run: ${Math.round((machine.busyAtStart ?? 0) * 100)} %, right after the load rounds: ${Math.round((busyAfterRounds ?? 0) * 100)} % (this machine is shared; anything above a few percent means noisier figures).`,
   "",
   `![Throughput relative to the reference peers](results/latest.svg)`,
   "",
@@ -1358,7 +1376,7 @@ const markdown = [
 const json = {
   started: started.toISOString(),
   command,
-  machine,
+  machine: { ...machine, busyAfterRounds },
   settings: {
     rounds,
     durationS,

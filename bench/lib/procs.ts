@@ -167,3 +167,33 @@ export async function stopChild(child: Child, graceMs = 10_000): Promise<void> {
 export function logPath(dir: string, name: string): string {
   return join(dir, `${name.replace(/[^a-z0-9-]+/gi, "_")}.log`);
 }
+
+/**
+ * Share of all CPUs busy over the next `ms` (from /proc/stat), 0–1; NaN off
+ * Linux. The bench reports it before and after a run: this machine may be
+ * shared, and a busy neighbour makes every figure noisier.
+ */
+export async function machineBusy(ms = 500): Promise<number> {
+  const read = () => {
+    try {
+      const fields =
+        readFileSync("/proc/stat", "utf8")
+          .split("\n")[0]
+          ?.trim()
+          .split(/\s+/)
+          .slice(1)
+          .map(Number) ?? [];
+      const idle = (fields[3] ?? 0) + (fields[4] ?? 0);
+      return { idle, total: fields.reduce((a, b) => a + b, 0) };
+    } catch {
+      return undefined;
+    }
+  };
+  const a = read();
+  await new Promise((r) => setTimeout(r, ms));
+  const b = read();
+  if (!a || !b || b.total === a.total) {
+    return Number.NaN;
+  }
+  return 1 - (b.idle - a.idle) / (b.total - a.total);
+}
