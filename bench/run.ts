@@ -37,7 +37,7 @@ import {
   type SampleTally,
   startStatusSampler,
 } from "./lib/grpc-wire.ts";
-import { h2loadVersion, installHint, runH2load } from "./lib/h2load.ts";
+import { h2loadVersion, installHint, runH2load, stopH2load } from "./lib/h2load.ts";
 import { type JwtCost, measureJwtCost } from "./lib/jwt-cost.ts";
 import {
   type Child,
@@ -49,6 +49,7 @@ import {
   pinSelf,
   root,
   spawnChild,
+  stopAllChildren,
   stopChild,
   waitForLine,
 } from "./lib/procs.ts";
@@ -881,6 +882,16 @@ async function coldStarts(ctx: Context, n: number, withBuild: boolean): Promise<
 // ---------------------------------------------------------------------------
 // Main
 // ---------------------------------------------------------------------------
+
+// Ctrl-C or SIGTERM: stop what we started (servers, gateway, peers, h2load) before leaving.
+for (const signal of ["SIGINT", "SIGTERM"] as const) {
+  process.once(signal, () => {
+    process.stderr.write(`bench: ${signal}, stopping the processes it started\n`);
+    stopH2load();
+    stopAllChildren();
+    setTimeout(() => process.exit(130), 500);
+  });
+}
 
 const started = new Date();
 const dir = mkdtempSync(join(tmpdir(), "echo-bench-"));

@@ -3,7 +3,7 @@
  * the processes under test, pinned to its own CPU, sending a pre-encoded
  * gRPC request. Results come from its summary and its per-request log.
  */
-import { execFile, execFileSync } from "node:child_process";
+import { type ChildProcess, execFile, execFileSync } from "node:child_process";
 import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { percentileSorted } from "./stats.ts";
@@ -87,7 +87,7 @@ export async function runH2load(o: H2loadOptions): Promise<H2loadResult> {
     ? ["taskset", ["-c", o.cpus, "h2load", ...args]]
     : ["h2load", args];
   const stdout = await new Promise<string>((resolve, reject) => {
-    execFile(
+    running = execFile(
       command as string,
       argv as string[],
       { timeout: Math.round((o.durationS + o.warmupS + 30) * 1000), maxBuffer: 16 * 1024 * 1024 },
@@ -109,6 +109,14 @@ export async function runH2load(o: H2loadOptions): Promise<H2loadResult> {
     p99Ms: percentileSorted(latencies, 99) / 1000,
     meanMs: latencies.length ? latencies.reduce((a, b) => a + b, 0) / latencies.length / 1000 : NaN,
   };
+}
+
+/** The h2load process of the run in progress, if any (for interrupts). */
+let running: ChildProcess | undefined;
+
+/** Stops a running h2load (by its PID), for SIGINT/SIGTERM handlers. */
+export function stopH2load(): void {
+  running?.kill("SIGTERM");
 }
 
 function parseSummary(out: string): Omit<H2loadResult, "p50Ms" | "p99Ms" | "meanMs"> {

@@ -47,6 +47,19 @@ export function pinSelf(cpus: string): void {
   execFileSync("taskset", ["-pc", cpus, String(process.pid)], { stdio: "ignore" });
 }
 
+/** Every child still running, so that an interrupted bench stops them. */
+const live = new Set<ChildProcess>();
+
+/**
+ * Sends SIGTERM to every child this process started and has not seen exit
+ * (by PID, nothing else). For SIGINT/SIGTERM handlers.
+ */
+export function stopAllChildren(): void {
+  for (const child of live) {
+    child.kill("SIGTERM");
+  }
+}
+
 export function spawnChild(spec: ChildSpec): Child {
   const fd = openSync(spec.logFile, "w");
   const flags = spec.nodeFlags ?? [];
@@ -68,6 +81,8 @@ export function spawnChild(spec: ChildSpec): Child {
   if (child.pid === undefined) {
     throw new Error(`${spec.name}: could not spawn ${command}`);
   }
+  live.add(child);
+  child.once("exit", () => live.delete(child));
   return {
     name: spec.name,
     pid: child.pid,
