@@ -91,14 +91,17 @@ const { values: flags } = parseArgs({
     "update-readme": { type: "boolean" },
     "server-node-flags": { type: "string" },
     "cpu-prof": { type: "boolean" },
+    "wait-quiet": { type: "string" },
     help: { type: "boolean", short: "h" },
   },
   strict: true,
 });
 if (flags.help) {
-  process.stdout.write(`npm run bench -- [--quick] [--variants] [--rounds N] [--duration S]
-  [--only id,id] [--no-cold-start] [--update-readme] [--server-node-flags "--flag …"]
-Targets: ${"server, chain-1, chain-3, grpc-js, connect-node, raw-h2 (+ server-info)"}
+  process.stdout.write(`npm run bench -- [--quick] [--variants] [--cold-start-only] [--rounds N]
+  [--duration S] [--only id,id] [--no-cold-start] [--update-readme] [--cpu-prof]
+  [--wait-quiet S] [--server-node-flags="--flag …"]
+Targets: server, chain-1, chain-3, grpc-js, connect-node, raw-h2; extras server-info,
+server-verify, gateway-raw; with --variants the server and gateway variants. See bench/README.md.
 `);
   process.exit(0);
 }
@@ -512,6 +515,8 @@ interface RoundResult {
   requests: number;
   /** Requests after the first load run (the steady state). */
   steadyRequests: number;
+  /** Share of the CPUs other processes kept busy just before this round (0–1). */
+  busyBefore?: number | null;
   /** ID-token requests the gateway's metadata server answered during the round. */
   identityRequests?: number;
   jwksRequests?: number;
@@ -926,11 +931,29 @@ process.stdout.write(
 const perTarget = new Map<string, RoundResult[]>(targets.map((t) => [t.id, []]));
 const failures: string[] = [];
 let exitCode = 0;
+/**
+ * `--wait-quiet S`: before each target round, wait while other processes
+ * keep more than 10 % of the CPUs busy (nothing of ours runs between
+ * rounds), at most S seconds over the whole run. For shared machines.
+ */
+let quietBudgetMs = Number(flags["wait-quiet"] ?? 0) * 1000;
+async function waitQuiet(): Promise<number> {
+  let busy = await machineBusy(500);
+  while (busy > 0.1 && quietBudgetMs > 0) {
+    const t = performance.now();
+    busy = await machineBusy(1000);
+    quietBudgetMs -= performance.now() - t;
+  }
+  return busy;
+}
+
 for (let round = 1; round <= rounds; round++) {
   for (const target of targets) {
+    const busyBefore = await waitQuiet();
     const t0 = performance.now();
     try {
       const r = await runTargetRound(target, ctx, round);
+      r.busyBefore = round2(busyBefore);
       perTarget.get(target.id)?.push(r);
       const s = r.load.short;
       process.stdout.write(
@@ -1489,6 +1512,10 @@ if (flags["update-readme"]) {
 process.stdout.write(`results: bench/results/${name}.json, .md, .svg\n`);
 rmSync(dir, { recursive: true, force: true });
 process.exit(exitCode);
+
+function round2(v: number): number | null {
+  return round(v, 2);
+}
 
 function roundFigures(f: RunFigures | undefined) {
   return f
