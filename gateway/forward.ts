@@ -73,7 +73,9 @@ export function forward(down: http2.ServerHttp2Stream, options: ForwardOptions):
   let attempts = 0;
   let replay: Buffer[] | undefined = [];
   let replayBytes = 0;
-  let downEnded = false;
+  // The request may have ended already, while the chain was verifying a
+  // token: an empty body's END_STREAM emits "end" even before anyone reads.
+  let downEnded = down.readableEnded;
   let responded = false;
   let done = false;
   let upTrailers: http2.IncomingHttpHeaders | undefined;

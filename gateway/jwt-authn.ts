@@ -177,7 +177,9 @@ export interface TokenSource {
  * Every token in the provider's locations (Envoy's extractor): for a header
  * with a prefix, the prefix is searched anywhere in the value and the token
  * runs from there over token characters; a header without the prefix yields
- * nothing. Duplicates are dropped.
+ * nothing, one with the prefix but no token characters after it yields its
+ * whole value (which then fails verification, as in Envoy: a junk credential
+ * is refused, not ignored). Duplicates are dropped.
  */
 export function extractTokens(locations: readonly JwtLocation[], source: TokenSource): string[] {
   const found = new Set<string>();
@@ -211,9 +213,7 @@ export function extractTokens(locations: readonly JwtLocation[], source: TokenSo
       while (end < value.length && tokenChars.test(value.charAt(end))) {
         end++;
       }
-      if (end > start) {
-        found.add(value.slice(start, end));
-      }
+      found.add(end > start ? value.slice(start, end) : value);
     }
   }
   return [...found];

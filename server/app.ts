@@ -133,6 +133,10 @@ export async function buildServer(
       routes: createRoutes({ instance, health, maxStreamCount: config.maxStreamCount }),
       interceptors,
       readMaxBytes: config.readMaxBytes,
+      // grpc-timeout may ask for up to 99,999,999 hours, but a node timer
+      // beyond 2^31−1 ms fires at once: such a deadline would expire
+      // immediately. Refuse it (INVALID_ARGUMENT) instead; 24 days is plenty.
+      maxTimeoutMs: 2 ** 31 - 1,
       // Handlers still running `shutdownTimeoutMs` after close() began are
       // aborted with UNAVAILABLE (clients may retry elsewhere); the timer is
       // cleared when close completes, so a quick close exits at once.

@@ -84,6 +84,26 @@ const cases: Case[] = [
     grpcStatus: "13",
   },
   {
+    desc: "a grpc-timeout beyond node's timers (99999999H)",
+    headers: { "grpc-timeout": "99999999H" },
+    body: echoHi,
+    grpcStatus: "3",
+    message: /timeout 359999996400000ms must be <= 2147483647/,
+  },
+  {
+    desc: "a malformed grpc-timeout",
+    headers: { "grpc-timeout": "soon" },
+    body: echoHi,
+    grpcStatus: "3",
+    message: /invalid grpc timeout value/,
+  },
+  {
+    desc: "a grpc-timeout of 500 hours (served)",
+    headers: { "grpc-timeout": "500H" },
+    body: echoHi,
+    grpcStatus: "0",
+  },
+  {
     desc: "two messages for a unary method",
     body: Buffer.concat([echoHi, echoHi]),
     grpcStatus: "12",

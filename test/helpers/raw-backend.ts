@@ -51,6 +51,10 @@ export async function startRawBackend(tls?: { key: Buffer; cert: Buffer }): Prom
       return;
     }
     stream.on("end", () => {
+      if (stream.destroyed) {
+        // The caller (the gateway) cancelled meanwhile.
+        return;
+      }
       const body = toBinary(EchoResponseSchema, create(EchoResponseSchema, { message: "raw" }));
       const frame = Buffer.alloc(5 + body.length);
       frame.writeUInt32BE(body.length, 1);
