@@ -49,18 +49,25 @@ export function pinSelf(cpus: string): void {
 
 /** Every child still running, so that an interrupted bench stops them. */
 const live = new Set<ChildProcess>();
+let stopping = false;
 
 /**
  * Sends SIGTERM to every child this process started and has not seen exit
  * (by PID, nothing else). For SIGINT/SIGTERM handlers.
  */
 export function stopAllChildren(): void {
+  // From now on nothing new is started: the bench's loop may still be
+  // between two targets while it exits.
+  stopping = true;
   for (const child of live) {
     child.kill("SIGTERM");
   }
 }
 
 export function spawnChild(spec: ChildSpec): Child {
+  if (stopping) {
+    throw new Error(`${spec.name}: not started, the bench is stopping`);
+  }
   const fd = openSync(spec.logFile, "w");
   const flags = spec.nodeFlags ?? [];
   // Name CPU profiles after the process, so a gateway's is told from a server's.
