@@ -188,3 +188,94 @@ export function rssHalves(samples: readonly RssSample[]): Record<string, RssHalv
   }
   return out;
 }
+
+export interface ChainLoadOptions {
+  /** Unary calls in all, half in each half of the run. */
+  unary: number;
+  /** Server streams open at once, once in each half. */
+  streams: number;
+  /** Messages per server stream. */
+  streamMessages: number;
+  /** Unary calls in flight at once. Default 64. */
+  concurrency?: number;
+  /** Client connections. Default enough for the streams at 100 per connection, at least 4. */
+  connections?: number;
+  /** Unary calls before measuring (JIT, pools, caches). Default 2 000. */
+  warmup?: number;
+  /** Batches of `streams` streams during the warm-up. Default 1. */
+  warmupStreamBatches?: number;
+  /**
+   * Called after the warm-up and after the run, outside the RSS sampling,
+   * e.g. to probe the processes' live heap.
+   */
+  probe?: (when: "start" | "end") => Promise<void>;
+}
+
+export interface ChainLoadReport {
+  unary: LoadResult[];
+  streams: StreamLoadResult[];
+  rss: Record<string, RssHalves>;
+  durationMs: number;
+}
+
+/**
+ * The load of the hardening suites: a warm-up, then two identical halves,
+ * each `unary / 2` unary calls with `streams` server streams open alongside,
+ * RSS of every process sampled throughout.
+ */
+export async function runChainLoad(
+  clients: readonly EchoClient[],
+  pids: Record<string, () => number>,
+  options: ChainLoadOptions,
+): Promise<ChainLoadReport> {
+  const concurrency = options.concurrency ?? 64;
+  // Warm-up with the same mix, so that the first half does not include the
+  // heap and the allocator growing to their working size.
+  const batches = options.warmupStreamBatches ?? 1;
+  await Promise.all([
+    runUnaryLoad(clients, { total: options.warmup ?? 2000, concurrency }),
+    (async () => {
+      for (let b = 0; b < batches; b++) {
+        await runServerStreams(clients, {
+          streams: options.streams,
+          count: options.streamMessages,
+        });
+      }
+    })(),
+  ]);
+  await options.probe?.("start");
+  const started = performance.now();
+  const sampler = sampleRss(pids);
+  const report: ChainLoadReport = { unary: [], streams: [], rss: {}, durationMs: 0 };
+  for (let half = 0; half < 2; half++) {
+    const [unary, streams] = await Promise.all([
+      runUnaryLoad(clients, { total: Math.floor(options.unary / 2), concurrency }),
+      runServerStreams(clients, { streams: options.streams, count: options.streamMessages }),
+    ]);
+    report.unary.push(unary);
+    report.streams.push(streams);
+  }
+  report.rss = rssHalves(sampler.stop());
+  report.durationMs = performance.now() - started;
+  await options.probe?.("end");
+  return report;
+}
+
+/** One line per figure, for test diagnostics and docs/reliability.md. */
+export function describeChainLoad(report: ChainLoadReport): string[] {
+  const unaryOk = report.unary.reduce((a, r) => a + r.ok, 0);
+  const unaryErrors = report.unary.reduce((a, r) => a + totalErrors(r), 0);
+  const unaryMs = report.unary.reduce((a, r) => a + r.durationMs, 0);
+  const streamsOk = report.streams.reduce((a, r) => a + r.ok, 0);
+  const streamErrors = report.streams.reduce((a, r) => a + totalErrors(r) + r.incomplete, 0);
+  const messages = report.streams.reduce((a, r) => a + r.messages, 0);
+  return [
+    `unary: ${unaryOk} ok, ${unaryErrors} failed, ${Math.round(unaryOk / (unaryMs / 1000))} calls/s`,
+    `server streams: ${streamsOk} complete (${messages} messages), ${streamErrors} failed or incomplete`,
+    `run: ${(report.durationMs / 1000).toFixed(1)} s after warm-up`,
+    ...Object.entries(report.rss).map(
+      ([name, r]) =>
+        `rss ${name}: first half peak ${r.firstPeakMiB} MiB, second half peak ${r.secondPeakMiB} MiB (×${r.ratio})`,
+    ),
+  ];
+}

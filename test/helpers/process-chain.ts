@@ -9,6 +9,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import type { Logger } from "pino";
 import { loadGatewayConfig } from "../../gateway/config.ts";
 import { type StartedGateway, startGateway } from "../../gateway/start.ts";
 import { createIssuer, type Issuer } from "../../local/issuer.ts";
@@ -128,6 +129,10 @@ export interface ProcessChainOptions {
   logLevel?: string;
   /** Skip a backend after a failed connect for this long (in-process gateway only). */
   downBackoffMs?: number;
+  /** Logger for the issuer and the gateway's metadata server (default: none). */
+  standInLogger?: Logger;
+  /** Lifetime of the ID tokens the gateway's metadata server mints; default the issuer's (3600 s). */
+  gatewayTokenLifetimeSeconds?: number;
 }
 
 export interface ProcessChain {
@@ -152,8 +157,16 @@ export interface ProcessChain {
 }
 
 export async function startProcessChain(options: ProcessChainOptions = {}): Promise<ProcessChain> {
-  const issuer = await createIssuer();
-  const gatewayMetadata = await createMetadataServer({ issuer, email: gatewayEmail });
+  const logger = options.standInLogger ? { logger: options.standInLogger } : {};
+  const issuer = await createIssuer(logger);
+  const gatewayMetadata = await createMetadataServer({
+    issuer,
+    email: gatewayEmail,
+    ...logger,
+    ...(options.gatewayTokenLifetimeSeconds === undefined
+      ? {}
+      : { tokenLifetimeSeconds: options.gatewayTokenLifetimeSeconds }),
+  });
   const logLevel = options.logLevel ?? "info";
   const servers: ServerProcess[] = [];
   for (let i = 0; i < (options.servers ?? 3); i++) {
