@@ -1196,6 +1196,18 @@ const goals: Goal[] = flags.variants
         (v) => v <= 400,
         (v) => `${formatMs(v)} ms`,
       ),
+      goal(
+        "cold start ≤ 300 ms, server, NODE_COMPILE_CACHE (recommended image)",
+        coldOf("server-compile-cache"),
+        (v) => v <= 300,
+        (v) => `${formatMs(v)} ms`,
+      ),
+      goal(
+        "cold start ≤ 400 ms, gateway, NODE_COMPILE_CACHE",
+        coldOf("gateway-compile-cache"),
+        (v) => v <= 400,
+        (v) => `${formatMs(v)} ms`,
+      ),
     ];
 
 // ---------------------------------------------------------------------------
