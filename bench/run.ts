@@ -475,7 +475,12 @@ const variantTargets: Target[] = [
   ]),
 ];
 
-let targets: Target[] = flags.variants ? variantTargets : [...mainTargets, ...extraTargets];
+// --quick leaves the extras out (they are for reading the full run).
+let targets: Target[] = flags.variants
+  ? variantTargets
+  : quick && !flags.only
+    ? mainTargets
+    : [...mainTargets, ...extraTargets];
 if (flags.only) {
   const only = new Set(flags.only.split(","));
   targets = targets.filter((t) => only.has(t.id));
